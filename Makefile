@@ -20,7 +20,7 @@ DEMO_DIR := outputs/demo
 # kernelspec's "python" to sys.executable; JUPYTER_PREFER_ENV_PATH puts the venv's kernelspec first).
 HEADLESS_ENV := PATH="$(CURDIR)/$(BIN):$$PATH" JUPYTER_PREFER_ENV_PATH=1 PYTHONHASHSEED=0 \
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline \
-	TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
+	TOKENIZERS_PARALLELISM=false
 
 # run a pytest command; exit status 5 ("no tests collected") is not a failure, anything else non-zero is
 define pytest_ok
