@@ -72,7 +72,7 @@ demo: setup
 # Serial on purpose: nbmake under xdist starts several kernels at once (ZMQ port races), and the
 # notebooks train on CPU, so -n 2 on a 2-core machine buys little.
 test: setup
-	$(BIN)/ruff check sftkit tests tools
+	$(BIN)/ruff check sftkit tests tools bench
 	@$(call pytest_ok,$(HEADLESS_ENV) $(PYTHON) -m pytest tests $(PYTEST_ARGS))
 	@if compgen -G 'notebooks/*.ipynb' >/dev/null; then \
 		echo "$(PYTHON) -m pytest --nbmake --nbmake-kernel=python3 --nbmake-timeout=$(NBMAKE_TIMEOUT) notebooks"; \
@@ -83,7 +83,7 @@ test: setup
 	fi
 
 test-fast: setup
-	$(BIN)/ruff check sftkit tests tools
+	$(BIN)/ruff check sftkit tests tools bench
 	@$(call pytest_ok,$(HEADLESS_ENV) $(PYTHON) -m pytest tests -m "not slow" $(PYTEST_ARGS))
 
 lab: setup
@@ -91,7 +91,7 @@ lab: setup
 		exec "$(CURDIR)/$(BIN)/jupyter" lab $(LAB_ARGS) $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 lint: setup
-	$(BIN)/ruff check sftkit tests tools
+	$(BIN)/ruff check sftkit tests tools bench
 	$(PYTHON) tools/strip_notebooks.py --check
 
 strip: setup
