@@ -63,8 +63,9 @@ class ConstantLengthPacker:
       dict), so an interrupted run continues with exactly the blocks it would have seen.
 
     Text comes from ``formatting_func(example)`` if given, else from the chat template for examples with a
-    ``messages`` list, else from ``example[text_field]``. ``add_special_tokens=None`` adds the tokenizer's
-    special tokens (e.g. BOS) to plain text but not to chat-template text, which already contains them.
+    ``messages`` list, else from ``example[text_field]``; examples that already hold ``input_ids`` are packed
+    as they are. ``add_special_tokens=None`` adds the tokenizer's special tokens (e.g. BOS) to plain text but
+    not to chat-template text, which already contains them. EOS is appended unless a document ends with it.
 
     Pass :meth:`to_iterable_dataset` to ``SFTTrainer(train_dataset=...)`` together with
     ``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, max_steps=...)``. With
@@ -129,19 +130,21 @@ class ConstantLengthPacker:
         self._format(first)
 
     # ----------------------------------------------------------------------------------------- formatting
-    def _format(self, example: Mapping[str, Any]) -> tuple[str, bool]:
-        """Return (text, came_from_chat_template) for one example."""
+    def _format(self, example: Mapping[str, Any]) -> tuple[str | list[int], str]:
+        """Return (text or token ids, kind) for one example; kind is "text", "chat" or "ids"."""
         if self.formatting_func is not None:
-            text, chat = self.formatting_func(example), False
+            text, kind = self.formatting_func(example), "text"
+        elif isinstance(example, Mapping) and "input_ids" in example:
+            return [int(t) for t in example["input_ids"]], "ids"
         elif isinstance(example, Mapping) and "messages" in example:
-            text, chat = self.tokenizer.apply_chat_template(example["messages"], tokenize=False), True
+            text, kind = self.tokenizer.apply_chat_template(example["messages"], tokenize=False), "chat"
         elif isinstance(example, Mapping) and self.text_field in example:
-            text, chat = example[self.text_field], False
+            text, kind = example[self.text_field], "text"
         else:
             keys = list(example) if isinstance(example, Mapping) else type(example).__name__
             raise SftkitError(
-                f"cannot find text in an example with keys {keys}: it has no {self.text_field!r} field and no "
-                "'messages' list.",
+                f"cannot find text in an example with keys {keys}: it has no {self.text_field!r} field, no "
+                "'messages' list and no 'input_ids'.",
                 "pass text_field='<your column>', or formatting_func=lambda ex: <a string built from ex>.",
             )
         if not isinstance(text, str):
@@ -149,7 +152,7 @@ class ConstantLengthPacker:
                 f"formatting produced a {type(text).__name__}, not a string.",
                 "make formatting_func return one string per example (trl >= 0.17 calls it per example too).",
             )
-        return text, chat
+        return text, kind
 
     def encode(self, example: Mapping[str, Any]) -> list[int]:
         """Token ids of one example as the packer adds them to the stream (EOS included)."""
@@ -158,12 +161,15 @@ class ConstantLengthPacker:
     def _encode_batch(self, examples: list[Mapping[str, Any]]) -> list[list[int]]:
         formatted = [self._format(ex) for ex in examples]
         out: list[list[int] | None] = [None] * len(examples)
+        for i, (value, kind) in enumerate(formatted):
+            if kind == "ids":  # already tokenized: packed as it is
+                out[i] = _with_eos(value, self.eos_token_id)
         # One fast-tokenizer call per kind of text (chat text must not get special tokens added twice).
-        for chat in (False, True):
-            idx = [i for i, (_, c) in enumerate(formatted) if c == chat]
+        for kind in ("text", "chat"):
+            idx = [i for i, (_, k) in enumerate(formatted) if k == kind]
             if not idx:
                 continue
-            special = (not chat) if self.add_special_tokens is None else self.add_special_tokens
+            special = (kind == "text") if self.add_special_tokens is None else self.add_special_tokens
             ids = self.tokenizer([formatted[i][0] for i in idx], add_special_tokens=special)["input_ids"]
             for i, row in zip(idx, ids):
                 out[i] = _with_eos(list(row), self.eos_token_id)
@@ -416,13 +422,16 @@ def packed_logit_gap(
     return gap
 
 
-def measure_throughput(model, arms: Mapping[str, Sequence[Mapping[str, Any]]], *, warmup: int = 1) -> dict:
+def measure_throughput(
+    model, arms: Mapping[str, Sequence[Mapping[str, Any]]], *, warmup: int = 1, cpu_threads: int | None = None
+) -> dict:
     """Time one forward+backward per batch for each arm, interleaving arms so load drift hits all alike.
 
     ``arms`` maps a name to collated batches (e.g. from ``trainer.get_train_dataloader()``); round ``r``
     runs batch ``r`` of every arm in turn. Returns per arm the median seconds per step, real tokens and
     slots per step, the padding fraction and the median real (non-padding) tokens per second. The first
-    ``warmup`` rounds are not counted.
+    ``warmup`` rounds are not counted. ``cpu_threads`` sets torch's CPU threads while timing (on a machine
+    shared with other work, 1 thread gives far steadier ratios than several that wait on each other).
     """
     rounds = min(len(batches) for batches in arms.values())
     if rounds <= warmup:
@@ -430,7 +439,9 @@ def measure_throughput(model, arms: Mapping[str, Sequence[Mapping[str, Any]]], *
             f"each arm needs more than warmup={warmup} batches; the shortest has {rounds}.",
             "pass more batches per arm (e.g. 6) or a smaller warmup.",
         )
-    was_training = model.training
+    was_training, threads = model.training, torch.get_num_threads()
+    if cpu_threads is not None:
+        torch.set_num_threads(_positive_int("cpu_threads", cpu_threads))
     model.train()
     samples: dict[str, list[tuple[int, int, float]]] = {name: [] for name in arms}
     try:
@@ -454,6 +465,7 @@ def measure_throughput(model, arms: Mapping[str, Sequence[Mapping[str, Any]]], *
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+        torch.set_num_threads(threads)
     results = {}
     for name, rows in samples.items():
         real = sum(r for r, _, _ in rows)

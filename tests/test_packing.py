@@ -170,7 +170,7 @@ def test_state_from_another_configuration_is_refused(tokenizer, chats):
 
 
 def test_bad_input_fails_before_training(tokenizer, chats):
-    with pytest.raises(SftkitError, match="no 'text' field"):
+    with pytest.raises(SftkitError, match="no 'text' field, no 'messages' list and no 'input_ids'"):
         ConstantLengthPacker([{"body": "x"}], tokenizer)
     with pytest.raises(SftkitError, match="one-shot iterator"):
         ConstantLengthPacker((c for c in chats), tokenizer)
@@ -251,12 +251,20 @@ def test_measure_throughput_counts_tokens_per_arm(tiny_base):
     padded = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     padded["attention_mask"][1, 6:] = 0
     flat = {"input_ids": ids.reshape(1, -1), "labels": ids.reshape(1, -1).clone()}
-    result = measure_throughput(tiny_base, {"padded": [padded] * 3, "flat": [flat] * 3})
+    threads = torch.get_num_threads()
+    result = measure_throughput(tiny_base, {"padded": [padded] * 3, "flat": [flat] * 3}, cpu_threads=1)
+    assert torch.get_num_threads() == threads  # restored
     assert result["padded"]["padding_fraction"] == pytest.approx(0.25)
     assert result["flat"]["padding_fraction"] == 0 and result["flat"]["steps"] == 2
     assert all(r["tokens_per_s"] > 0 and r["step_seconds"] > 0 for r in result.values())
     with pytest.raises(SftkitError, match="more than warmup"):
         measure_throughput(tiny_base, {"one": [flat]})
+
+
+def test_pretokenized_examples_are_packed_as_they_are(tokenizer, chats):
+    docs = _docs(tokenizer, chats)
+    ids_only = [{"input_ids": d[:-1]} for d in docs]  # without the EOS, which the packer adds
+    assert list(ConstantLengthPacker(ids_only, tokenizer, block_length=64)) == pack_eager(docs, 64)
 
 
 def test_packer_reads_a_datasets_dataset_and_iterable(tokenizer):
@@ -266,3 +274,23 @@ def test_packer_reads_a_datasets_dataset_and_iterable(tokenizer):
     )
     assert list(ConstantLengthPacker(ds, tokenizer, block_length=32)) == from_list
     assert list(ConstantLengthPacker(ds.to_iterable_dataset(), tokenizer, block_length=32)) == from_list
+
+
+def test_packing_benchmark_script_runs_on_a_small_corpus(tmp_path, capsys):
+    import importlib.util
+
+    from sftkit.paths import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "packing_throughput", REPO_ROOT / "bench" / "packing_throughput.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--examples", "1500", "--block-length", "256", "--out", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == report
+    results = report["results"]
+    assert len(results) == 8 and all(r["tokens_per_s"] > 0 and r["rows"] > 0 for r in results.values())
+    # sftkit's packers agree with each other on the same ids (the lazy one fed input_ids or text)
+    rows = {name: r["rows"] for name, r in results.items() if "sftkit" in name}
+    assert len(set(rows.values())) == 1, rows
+    assert "examples/s" in capsys.readouterr().out
