@@ -96,17 +96,8 @@ def strategy_batches(model, tokenizer, dataset, *, max_length, unpacked_bs, pack
         loader = iter(trainer.get_train_dataloader())
         batches[name] = [next(loader) for _ in range(rounds)]
     # The sftkit packer: blocks of max_length, padding-free collation (every token trained, as it does).
-    if chat:
-        packer = ConstantLengthPacker(dataset, tokenizer, block_length=max_length, infinite=True)
-    else:  # pre-tokenized ids: format them as text that _IdTokenizer turns back into the same ids
-        packer = ConstantLengthPacker(
-            dataset,
-            _IdTokenizer(tokenizer),
-            block_length=max_length,
-            infinite=True,
-            add_eos=False,
-            formatting_func=lambda ex: " ".join(map(str, ex["input_ids"])),
-        )
+    # Pre-tokenized rows are packed as they are; no EOS added to them, as TRL adds none either.
+    packer = ConstantLengthPacker(dataset, tokenizer, block_length=max_length, infinite=True, add_eos=chat)
     opts = dict(
         per_device_train_batch_size=packed_bs,
         padding_free=True,
@@ -248,17 +239,6 @@ def long_workload(quick: bool, device: str, dtype: torch.dtype) -> dict:
     return result
 
 
-class _IdTokenizer:
-    """For the packer only, on pre-tokenized synthetic data: "12 7 99" -> [12, 7, 99], so the sftkit arm packs
-    exactly the ids TRL's arms get (no EOS added: TRL adds none to pre-tokenized rows either)."""
-
-    def __init__(self, tokenizer):
-        self.eos_token_id = tokenizer.eos_token_id
-
-    def __call__(self, texts, add_special_tokens=False):
-        return {"input_ids": [[int(t) for t in text.split()] for text in texts]}
-
-
 def contamination(device: str) -> dict:
     """Max |logit difference| packed vs alone for a bfd-style row, with and without restarted positions."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -293,9 +273,18 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     start = time.perf_counter()
     report = {"versions": versions(), "dtype": str(dtype), "quick": args.quick}
-    report["contamination"] = contamination(device)
-    report["chat"] = chat_workload(args.quick, device, dtype)
-    report["long"] = long_workload(args.quick, device, dtype)
+    # One failing part (say, out of memory) is reported in the JSON and does not cost the others.
+    for name, part in (
+        ("contamination", lambda: contamination(device)),
+        ("chat", lambda: chat_workload(args.quick, device, dtype)),
+        ("long", lambda: long_workload(args.quick, device, dtype)),
+    ):
+        try:
+            report[name] = part()
+        except Exception as err:  # noqa: BLE001 - recorded, not swallowed
+            report[name] = {"error": f"{type(err).__name__}: {err}"}
+        if device == "cuda":
+            torch.cuda.empty_cache()
     report["seconds"] = round(time.perf_counter() - start, 1)
     text = json.dumps(report, indent=2)
     print(text)
