@@ -62,10 +62,10 @@ class ConstantLengthPacker:
     * :meth:`state_dict` / :meth:`load_state_dict` save and restore the position mid-stream (a JSON-able
       dict), so an interrupted run continues with exactly the blocks it would have seen.
 
-    Text comes from ``formatting_func(example)`` if given, else from the chat template for examples with a
-    ``messages`` list, else from ``example[text_field]``; examples that already hold ``input_ids`` are packed
-    as they are. ``add_special_tokens=None`` adds the tokenizer's special tokens (e.g. BOS) to plain text but
-    not to chat-template text, which already contains them. EOS is appended unless a document ends with it.
+    Text comes from ``formatting_func(example)`` if given; else an example's ``input_ids`` are packed as they
+    are; else its ``messages`` go through the chat template; else ``example[text_field]`` is read.
+    ``add_special_tokens=None`` adds the tokenizer's special tokens (e.g. BOS) to plain text but not to
+    chat-template text, which already contains them. EOS is appended unless a document ends with it.
 
     Pass :meth:`to_iterable_dataset` to ``SFTTrainer(train_dataset=...)`` together with
     ``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, max_steps=...)``. With
