@@ -19,6 +19,7 @@ class StopReport:
     stopped: list[bool]
     new_tokens: list[int]  # generated tokens up to and including the stop token
     texts: list[str]  # generated text, special tokens kept so the stop token is visible
+    answers: list[str]  # generated text without special tokens, stripped: what a user would be shown
     max_new_tokens: int
 
     @property
@@ -78,6 +79,7 @@ def stop_rate(
     stopped: list[bool] = []
     lengths: list[int] = []
     texts: list[str] = []
+    answers: list[str] = []
     padding_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"  # decoder-only models continue from the last position
     model.eval()
@@ -95,8 +97,11 @@ def stop_rate(
                     kept = row if end is None else row[: end + 1]
                     lengths.append(len(kept))
                     texts.append(tokenizer.decode(kept))
+                    answers.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
     finally:
         tokenizer.padding_side = padding_side
         if was_training:
             model.train()
-    return StopReport(stopped=stopped, new_tokens=lengths, texts=texts, max_new_tokens=max_new_tokens)
+    return StopReport(
+        stopped=stopped, new_tokens=lengths, texts=texts, answers=answers, max_new_tokens=max_new_tokens
+    )
