@@ -11,11 +11,21 @@ from sftkit.errors import SftkitError
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def load_split(source: str | os.PathLike, split: str = "train", columns: Iterable[str] = ()):
-    """Load one split as a ``datasets.Dataset`` from a local file or a hub id, requiring ``columns``."""
+def load_split(
+    source: str | os.PathLike,
+    split: str = "train",
+    columns: Iterable[str] = (),
+    cache_dir: str | os.PathLike | None = None,
+):
+    """Load one split as a ``datasets.Dataset`` from a local file or a hub id, requiring ``columns``.
+
+    ``cache_dir`` is where ``datasets`` keeps the Arrow copy, and so where later ``.map`` results are cached
+    (default: ``~/.cache/huggingface/datasets``).
+    """
     from datasets import load_dataset
 
     path = Path(source).expanduser()
+    kwargs = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
     if path.suffix in _LOCAL_FORMATS:
         if not path.is_file():
             raise SftkitError(
@@ -24,10 +34,10 @@ def load_split(source: str | os.PathLike, split: str = "train", columns: Iterabl
                 "so the shipped data is '../data/world/chat_train.jsonl'.",
             )
         # A local file loads as a single split named "train", whatever it holds.
-        ds = load_dataset(_LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        ds = load_dataset(_LOCAL_FORMATS[path.suffix], data_files=str(path), split="train", **kwargs)
     else:
         try:
-            ds = load_dataset(str(source), split=split)
+            ds = load_dataset(str(source), split=split, **kwargs)
         except Exception as err:  # datasets raises several types for a missing or offline dataset
             raise SftkitError(
                 f"could not load dataset {str(source)!r} (split {split!r}): {err}",
