@@ -470,6 +470,16 @@ def versions() -> dict:
     return out
 
 
+def _engine_name(distributed_type: str, n_processes: int) -> str:
+    """What accelerate actually set up: deepspeed, fsdp, ddp (any MULTI_* type) or single."""
+    kind = distributed_type.split(".")[-1]
+    if kind == "DEEPSPEED":
+        return "deepspeed"
+    if kind == "FSDP":
+        return "fsdp"
+    return "ddp" if n_processes > 1 else "single"
+
+
 def _precision_name(train_args) -> str:
     return "bf16" if train_args.bf16 else "fp16" if train_args.fp16 else "fp32"
 
@@ -485,7 +495,8 @@ def run_info(recipe: RecipeArguments, model_args, train_args, argv: list[str]) -
         "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
         "num_processes": n,
         "distributed_type": state_type.split(".")[-1],
-        "engine": _distributed_engine() or ("ddp" if n > 1 else "single"),
+        "engine": _engine_name(state_type, n),
+        "requested_engine": _distributed_engine() or None,
         "precision": _precision_name(train_args),
         "hardware": hardware_summary(),
         "versions": versions(),
@@ -521,7 +532,10 @@ def rank_report(trainer, seconds: float) -> dict:
     n = 0
     for name, param in sorted(trainer.model.named_parameters(), key=lambda kv: kv[0]):
         if param.requires_grad:
-            data = param.detach().float().cpu().contiguous()
+            local = (
+                param.to_local() if hasattr(param, "to_local") else param
+            )  # FSDP2 DTensor -> this rank's shard
+            data = local.detach().float().cpu().contiguous()
             digest.update(name.encode())
             digest.update(data.numpy().tobytes())
             n += data.numel()
