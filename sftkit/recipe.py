@@ -520,6 +520,12 @@ def _print_run_info(info: dict) -> None:
         f"| accelerate {v['accelerate']} | deepspeed {v['deepspeed']}",
         flush=True,
     )
+    if info["requested_engine"] and info["requested_engine"] != info["engine"]:
+        print(
+            f"[sftkit train] note: the launch config asked for {info['requested_engine']} but accelerate set up "
+            f"{info['engine']} ({info['distributed_type']}); DeepSpeed and FSDP engage only on GPUs.",
+            flush=True,
+        )
 
 
 def rank_report(trainer, seconds: float) -> dict:
@@ -589,6 +595,11 @@ def train(
     n_proc = train_args.world_size
     validate(recipe, model_args, train_args, n_proc)
     train_ds, eval_ds, fmt = load_data(recipe, train_args)
+    if recipe.corpus_mode:
+        # The 2024 group_texts: concatenate all texts (EOS between them) and cut into max_length blocks.
+        train_args.packing = True
+        train_args.packing_strategy = "wrapped"
+        train_args.padding_free = False
     out = Path(train_args.output_dir)
     info = run_info(recipe, model_args, train_args, argv)
     info["data_format"] = fmt
@@ -598,11 +609,6 @@ def train(
         _print_run_info(info)
         atomic_write_json(out / "run_info.json", info)
 
-    if recipe.corpus_mode:
-        # The 2024 group_texts: concatenate all texts (EOS between them) and cut into max_length blocks.
-        train_args.packing = True
-        train_args.packing_strategy = "wrapped"
-        train_args.padding_free = False
     model, tokenizer = load_model(recipe, model_args, train_args)
     new_ids = set_padding(model, tokenizer, recipe)
     if recipe.extra_tokens_file:
