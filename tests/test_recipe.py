@@ -72,6 +72,15 @@ def test_every_recipe_knob_has_a_comment(path: Path):
     assert not bare, f"{path.name}: keys without a trade-off comment: {bare}"
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_files_named_in_comments_exist(path: Path):
+    import re
+
+    named = re.findall(r"(configs/[\w/.-]+\.yaml)", path.read_text(encoding="utf-8"))
+    missing = [n for n in named if not (REPO / n).is_file()]
+    assert not missing, f"{path.name} mentions files that do not exist: {missing}"
+
+
 # ---------------------------------------------------------------- parsing
 
 
