@@ -636,6 +636,11 @@ def train(
     metrics["global_batch_size"] = info["global_batch_size"]
     metrics["num_processes"] = n_proc
     metrics["new_token_ids"] = new_ids
+    # bitsandbytes layers actually in the model: proof that load_in_4bit/8bit took effect
+    metrics["quantized_linear_layers"] = sum(
+        type(m).__module__.startswith("bitsandbytes") and type(m).__name__ in ("Linear4bit", "Linear8bitLt")
+        for m in trainer.model.modules()
+    )
     if recipe.save_final_model:
         _save_final(trainer, tokenizer, out / "final")
     if trainer.is_world_process_zero():

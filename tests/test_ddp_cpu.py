@@ -18,10 +18,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# Tolerances for "same training": the only difference is the order of float additions in gloo's all-reduce
-# (observed relative differences are ~1e-7 for losses and ~1e-6 for weights after 8 steps).
+# Tolerances for "same training": the only difference is the order of float additions in gloo's all-reduce.
+# Observed after 8 steps: losses within 4e-7 relative; adapters within 8e-6 in relative norm. Single entries
+# can differ by up to ~1e-4 absolute, because Adam divides tiny gradient differences by tiny second moments
+# (an update is at most about the learning rate, 1e-3), so the weight check uses the relative norm.
 LOSS_RTOL = 1e-4
-WEIGHT_ATOL = 1e-4
+WEIGHT_RTOL = 1e-4
 
 COMMON = [
     "--config", "configs/recipes/tiny_lora.yaml",
@@ -139,7 +141,8 @@ def test_final_adapters_match(runs):
     a = load_file(ddp_dir / "final" / "adapter_model.safetensors")
     b = load_file(single_dir / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) > 0
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < WEIGHT_ATOL, worst
+    diff = sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5
+    norm = sum((b[k] ** 2).sum() for k in b) ** 0.5
+    assert diff / norm < WEIGHT_RTOL, (diff / norm).item()
     # and training changed the adapter at all (LoRA B starts at zero)
     assert max(t.abs().max().item() for k, t in a.items() if "lora_B" in k) > 1e-3

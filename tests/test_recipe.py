@@ -72,6 +72,15 @@ def test_every_recipe_knob_has_a_comment(path: Path):
     assert not bare, f"{path.name}: keys without a trade-off comment: {bare}"
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_files_named_in_comments_exist(path: Path):
+    import re
+
+    named = re.findall(r"(configs/[\w/.-]+\.yaml)", path.read_text(encoding="utf-8"))
+    missing = [n for n in named if not (REPO / n).is_file()]
+    assert not missing, f"{path.name} mentions files that do not exist: {missing}"
+
+
 # ---------------------------------------------------------------- parsing
 
 
@@ -329,3 +338,20 @@ def test_train_command_corpus_mode_fills_every_block(tmp_path, monkeypatch):
     assert metrics["train"]["train_tokens"] == 3 * 4 * 64
     assert (out_dir / "final" / "model.safetensors").is_file()
     assert json.loads((out_dir / "run_info.json").read_text())["recipe"]["corpus_mode"] is True
+
+
+@pytest.mark.slow
+def test_train_command_qlora_4bit(tmp_path):
+    # real bitsandbytes NF4 on the CPU: the 2024 --use_int4
+    path = _tiny_recipe(tmp_path, load_in_4bit=True, max_eval_samples=8, max_train_samples=32)
+    cmd = [sys.executable, "-m", "sftkit", "train", "--config", str(path), "--max_steps", "3",
+           "--per_device_train_batch_size", "4", "--logging_steps", "1"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (
+        metrics["quantized_linear_layers"] == 4 * 7
+    )  # 4 decoder layers x 7 linear projections, lm_head kept
+    assert (
+        metrics["global_step"] == 3 and (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+    )
