@@ -13,6 +13,7 @@ import json
 import netrc
 import os
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -97,6 +98,7 @@ def setup_wandb(
     if bad:
         raise SftkitError(f"W&B tags must be at most 64 characters: {bad}.", "shorten the tags.")
 
+    _restart_wandb_session()
     wandb_dir = Path(output_dir).expanduser().resolve()
     wandb_dir.mkdir(parents=True, exist_ok=True)
     os.environ["WANDB_MODE"] = mode
@@ -107,6 +109,20 @@ def setup_wandb(
     else:
         os.environ.pop("WANDB_TAGS", None)
     return WandbSetup(mode=mode, reason=reason, wandb_dir=wandb_dir, project=project, tags=tags)
+
+
+def _restart_wandb_session() -> None:
+    """Make wandb read the environment again: it reads WANDB_* once per session and ignores later changes."""
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        raise SftkitError(
+            "a W&B run is still active, and wandb would ignore the new settings.",
+            "call wandb.finish() first (transformers' WandbCallback leaves the run open after training).",
+        )
+    wandb.teardown()
 
 
 def offline_runs(runs_dir: str | os.PathLike) -> list[Path]:
