@@ -1,16 +1,21 @@
-"""Command line: ``python -m sftkit <command> [arguments]``; each command is a module with a ``main(argv)``."""
+"""Command line: ``python -m sftkit <command> [arguments]``.
+
+A command is a module with either ``main(argv) -> int`` or ``add_arguments(parser)`` plus ``run(args) -> int``.
+Add one by adding a line to COMMANDS; modules are imported only when their command runs.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
-# name -> (module whose main(argv) runs it, one-line description)
+from sftkit.errors import SftkitError
+
+# name -> (module that runs it, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": (
-        "sftkit.recipe",
-        "train from a YAML recipe plus overrides (python -m sftkit train --config FILE)",
-    ),
+    "train": ("sftkit.recipe", "train from a YAML recipe plus overrides (python -m sftkit train --config FILE)"),
+    "merge": ("sftkit.merge", "merge a LoRA adapter into its base model and save a plain transformers model"),
 }
 
 
@@ -32,7 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m sftkit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    if hasattr(module, "main"):
+        return int(module.main(rest) or 0)
+    parser = argparse.ArgumentParser(prog=f"python -m sftkit {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except SftkitError as err:  # a clear problem-and-fix message instead of a traceback
+        print(f"error: {err.problem}\nfix: {err.fix}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
