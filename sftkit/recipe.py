@@ -332,53 +332,47 @@ def load_data(recipe: RecipeArguments, train_args):
 
 
 def read_extra_tokens(path: str | os.PathLike) -> list[str]:
-    """Tokens from a file, one per line; blank lines ignored, duplicates dropped, order kept."""
-    tokens = list(dict.fromkeys(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()))
-    tokens = [t for t in tokens if t]
-    if not tokens:
+    """Tokens from a file, one per line, stripped of surrounding spaces; blank lines and repeats dropped.
+
+    A recipe's token file is usually edited by hand, where a stray space is a typo; ``sftkit.tokens`` (used
+    directly from Python) keeps lines verbatim for byte-level tokens that start with a space.
+    """
+    from sftkit.tokens import read_token_file
+
+    if not any(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()):
         raise SftkitError(f"extra_tokens_file {str(path)!r} has no tokens.", "write one token per line.")
-    return tokens
+    return list(dict.fromkeys(t.strip() for t in read_token_file(path)))
 
 
 def add_tokens(model, tokenizer, tokens: list[str], *, special: bool = False) -> list[int]:
     """Add ``tokens`` the tokenizer lacks, grow the embeddings (new rows start at the mean); return their ids."""
-    vocab = tokenizer.get_vocab()
-    new = [t for t in tokens if t not in vocab]
-    if new:
-        if special:
-            tokenizer.add_special_tokens(
-                {"additional_special_tokens": new}, replace_extra_special_tokens=False
-            )
-        else:
-            tokenizer.add_tokens(new)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        # mean_resizing draws the new rows around the mean of the old embeddings, so a new token starts as an
-        # "average" token instead of a random vector the model has never seen.
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    return tokenizer.convert_tokens_to_ids(new)
+    from sftkit.tokens import add_new_tokens
+
+    # A new token starts as an "average" token (the mean of the old rows), not a random vector the model has
+    # never seen; sftkit.tokens does the resize and the initialisation for every entry point.
+    return tokenizer.convert_tokens_to_ids(add_new_tokens(model, tokenizer, tokens, init="mean", special=special))
 
 
 def set_padding(model, tokenizer, recipe: RecipeArguments) -> list[int]:
     """Apply pad_token_id / new_pad_token; returns ids of tokens added to the vocabulary."""
-    added: list[int] = []
+    from sftkit.tokens import add_pad_token
+
     if recipe.pad_token_id is not None:
         if not 0 <= recipe.pad_token_id < len(tokenizer):
             raise SftkitError(
                 f"pad_token_id {recipe.pad_token_id} is outside the vocabulary (0..{len(tokenizer) - 1}).",
                 "pick an existing id that never occurs in your data, or use new_pad_token to add one.",
             )
-        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(recipe.pad_token_id)
+        token = tokenizer.convert_ids_to_tokens(recipe.pad_token_id)
     elif recipe.new_pad_token is not None:
-        if recipe.new_pad_token not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"pad_token": recipe.new_pad_token})
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-            added.append(tokenizer.convert_tokens_to_ids(recipe.new_pad_token))
-        else:
-            tokenizer.pad_token = recipe.new_pad_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return added
+        token = recipe.new_pad_token
+    else:  # keep the tokenizer's own pad token; the configs still learn its id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return []
+    added = add_pad_token(model, tokenizer, token)
+    return [] if added is None else [added]
 
 
 # --------------------------------------------------------------------------------------------------------------

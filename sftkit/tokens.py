@@ -39,7 +39,19 @@ def add_tokens_from_file(
     init: str = "mean",
     special: bool = False,
 ) -> list[str]:
-    """Add the file's tokens, resize the model's embeddings and initialise the new rows; returns the added tokens.
+    """Add the file's tokens (see :func:`read_token_file`) with :func:`add_new_tokens`; returns the added tokens."""
+    return add_new_tokens(model, tokenizer, read_token_file(path), init=init, special=special)
+
+
+def add_new_tokens(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tokens: list[str],
+    *,
+    init: str = "mean",
+    special: bool = False,
+) -> list[str]:
+    """Add ``tokens``, resize the model's embeddings and initialise the new rows; returns the added tokens.
 
     Strings the tokenizer already encodes as a single token are skipped.
 
@@ -50,7 +62,7 @@ def add_tokens_from_file(
     """
     if init not in INIT_CHOICES:
         raise SftkitError(f"init={init!r} is not a known initialisation.", f"use one of {INIT_CHOICES}.")
-    wanted = read_token_file(path)
+    wanted = list(dict.fromkeys(tokens))
     vocab = tokenizer.get_vocab()
     # Pieces under the old tokenizer, read before the new tokens change how text is split. A string it
     # already encodes as one token (" Oakridge" is the byte-level token "ĠOakridge") is not new.
@@ -62,6 +74,41 @@ def add_tokens_from_file(
     # normalized=False: match the raw text, so a leading space stays part of the token (byte-level BPE).
     added = [AddedToken(t, normalized=False, special=special) for t in new]
     tokenizer.add_tokens(added, special_tokens=special)
+    _resize_and_init(model, tokenizer, old_rows, {t: pieces[t] for t in new}, init)
+    return new
+
+
+def add_pad_token(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, token: str = "<|pad|>"
+) -> int | None:
+    """Make ``token`` the pad token (adding it if new, with a mean-initialised row); returns its id if added.
+
+    The pad row is never a training target and never attended to, so its value hardly matters; the mean keeps
+    it harmless if it is ever looked at (and matches what :func:`add_new_tokens` does). The model's config and
+    generation config get the new pad id.
+    """
+    added = None
+    if token not in tokenizer.get_vocab():
+        old_rows = model.get_input_embeddings().weight.shape[0]
+        tokenizer.add_special_tokens({"pad_token": token})
+        _resize_and_init(model, tokenizer, old_rows, {token: []}, "mean")
+        added = tokenizer.convert_tokens_to_ids(token)
+    else:
+        tokenizer.pad_token = token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return added
+
+
+def _resize_and_init(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    old_rows: int,
+    pieces: dict[str, list[int]],
+    init: str,
+) -> None:
+    """Grow the embeddings to ``len(tokenizer)`` and start each new token's row (and untied head row)."""
     if len(tokenizer) > old_rows:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
 
@@ -72,13 +119,12 @@ def add_tokens_from_file(
             matrices.append(output.weight)
         for weight in matrices:
             mean = weight[:old_rows].float().mean(dim=0)
-            for token in new:
+            for token, token_pieces in pieces.items():
                 row = tokenizer.convert_tokens_to_ids(token)
                 if row < old_rows:
                     continue  # an id the model already had rows for (vocab padded to a multiple)
-                ids = [i for i in pieces[token] if i < old_rows]
+                ids = [i for i in token_pieces if i < old_rows]
                 start = weight[ids].float().mean(dim=0) if init == "pieces" and ids else mean
                 weight[row] = start.to(weight.dtype)
             # Rows beyond len(tokenizer) (pad_to_multiple_of) are never produced; keep them harmless too.
             weight[len(tokenizer) :] = mean.to(weight.dtype)
-    return new
