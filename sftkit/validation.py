@@ -705,16 +705,26 @@ def data_identity(*paths: str | None, dataset: Any = None) -> dict:
     return out
 
 
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
 def _differences(old: dict, new: dict) -> list[str]:
-    diffs = []
-    for key in ("model", "data", "peft"):
-        if old.get(key) != new.get(key):
-            diffs.append(f"{key}: {old.get(key)!r:.80} -> {new.get(key)!r:.80}")
-    old_c, new_c = old.get("config") or {}, new.get("config") or {}
-    for key in sorted(set(old_c) | set(new_c)):
-        if old_c.get(key) != new_c.get(key):
-            diffs.append(f"{key}: {old_c.get(key)!r:.40} -> {new_c.get(key)!r:.40}")
-    return diffs
+    """``key: old -> new`` for every field where two fingerprints differ (nested keys dotted, config unprefixed)."""
+    flat_old, flat_new = (
+        {k.removeprefix("config."): v for k, v in _flatten({k: d.get(k) for k in ("model", "data", "peft", "config")}).items()}
+        for d in (old, new)
+    )  # fmt: skip
+    return [
+        f"{key}: {flat_old.get(key)!r:.40} -> {flat_new.get(key)!r:.40}"
+        for key in sorted(set(flat_old) | set(flat_new))
+        if flat_old.get(key) != flat_new.get(key)
+    ]
 
 
 def check_output_dir(output_dir: Any, fingerprint: dict, *, overwrite: bool = False) -> bool:
