@@ -8,10 +8,13 @@ to ``args.max_length`` would cut. Each problem raises ``SftkitError(problem, fix
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 from sftkit.errors import SftkitError
@@ -667,9 +670,6 @@ def run_fingerprint(args: Any, *, model: str, data: Any = None, peft: Any = None
     The dict (JSON-able) is what sftkit_run.json records; ``["sha256"]`` is its hash. Token fields are never
     included (SFTConfig.to_dict() masks them and they are dropped here as well).
     """
-    import hashlib
-    import json
-
     config = args.to_dict() if hasattr(args, "to_dict") else dict(vars(args))
     config = {
         k: v for k, v in config.items() if k not in _NOT_FINGERPRINTED and not k.endswith("_token")
@@ -684,9 +684,6 @@ def run_fingerprint(args: Any, *, model: str, data: Any = None, peft: Any = None
 
 def data_identity(*paths: str | None, dataset: Any = None) -> dict:
     """Identify training data: sha256 of each local file, else a datasets fingerprint (None when unknown)."""
-    import hashlib
-    from pathlib import Path
-
     out: dict[str, Any] = {}
     for path in paths:
         if not path:
@@ -727,7 +724,7 @@ def _differences(old: dict, new: dict) -> list[str]:
     ]
 
 
-def check_output_dir(output_dir: Any, fingerprint: dict, *, overwrite: bool = False) -> bool:
+def check_output_dir(output_dir: str | Path, fingerprint: dict, *, overwrite: bool = False) -> bool:
     """Refuse an output_dir that holds a different run; returns True when it holds this same run (a resume).
 
     The run is identified by ``sftkit_run.json``: the same fingerprint may resume (checkpoints continue),
@@ -735,9 +732,6 @@ def check_output_dir(output_dir: Any, fingerprint: dict, *, overwrite: bool = Fa
     ``overwrite=True`` (SFTConfig-style ``overwrite_output_dir`` / the train command's ``--overwrite``)
     accepts any folder.
     """
-    import json
-    from pathlib import Path
-
     out = Path(output_dir)
     if overwrite or not out.is_dir():
         return False
@@ -770,10 +764,8 @@ def check_output_dir(output_dir: Any, fingerprint: dict, *, overwrite: bool = Fa
     return False
 
 
-def record_run(output_dir: Any, fingerprint: dict) -> Any:
+def record_run(output_dir: str | Path, fingerprint: dict) -> Path:
     """Write the run fingerprint to ``output_dir/sftkit_run.json`` (atomically); returns its path."""
-    from pathlib import Path
-
     from sftkit.io import atomic_write_json
 
     path = Path(output_dir) / RUN_FILE
@@ -833,11 +825,8 @@ def validate_run(
 # --- model and adapter folders: no custom code unless asked, no pickle weights unless asked --------------------
 
 
-def check_model_folder(path: Any, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
+def check_model_folder(path: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
     """Refuse a local model folder that needs custom code (auto_map) or holds only pickle weights, unless allowed."""
-    import json
-    from pathlib import Path
-
     folder = Path(path)
     if not folder.is_dir():
         return
@@ -877,10 +866,8 @@ def _flat_values(mapping: Any) -> list:
     return [mapping] if mapping else []
 
 
-def check_adapter_folder(adapter: Any, *, allow_pickle: bool = False) -> None:
+def check_adapter_folder(adapter: str | Path, *, allow_pickle: bool = False) -> None:
     """Refuse an adapter folder whose weights are a pickle (adapter_model.bin) unless ``allow_pickle``."""
-    from pathlib import Path
-
     folder = Path(adapter)
     if allow_pickle or (folder / "adapter_model.safetensors").is_file():
         return
@@ -893,7 +880,9 @@ def check_adapter_folder(adapter: Any, *, allow_pickle: bool = False) -> None:
         )
 
 
-def validate_merge(base_config: Any, adapter: Any, *, adapter_vocab: int | None = None, allow_pickle: bool = False):
+def validate_merge(
+    base_config: Any, adapter: str | Path, *, adapter_vocab: int | None = None, allow_pickle: bool = False
+) -> int | None:
     """Check that ``adapter`` may be merged into the base described by ``base_config``; returns rows to resize to.
 
     Refuses pickle adapters (unless ``allow_pickle``) and an adapter trained on another base
