@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sftkit.errors import SftkitError
 
@@ -129,7 +130,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     replace_dir(tmp, path)
 
 
-def save_pretrained_atomic(path: str | os.PathLike, *objects) -> Path:
+def save_pretrained_atomic(path: str | os.PathLike, *objects: Any) -> Path:
     """``obj.save_pretrained`` for each object (model, tokenizer, ...) into ``path``, complete or not at all."""
     with atomic_dir(path) as tmp:
         for obj in objects:

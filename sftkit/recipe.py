@@ -7,6 +7,7 @@ Arguments are parsed by ``trl.TrlParser`` (transformers' ``HfArgumentParser`` pl
 dataclasses: :class:`RecipeArguments` (data and tokenizer, defined here), ``trl.ModelConfig`` (model, LoRA,
 4/8-bit) and ``trl.SFTConfig`` (every training knob). A YAML key is a field of one of them; a command-line flag
 overrides it. Everything is checked before any weights are read. The run folder (``output_dir``) receives
+``sftkit_run.json`` (the run's fingerprint: a different run is refused there, the same one resumes) and
 ``run_info.json`` at the start (global batch size, hardware, versions, the effective configuration),
 checkpoints while training, the final model or adapter in ``final/`` and ``metrics.json`` at the end.
 """
@@ -24,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from sftkit.errors import SftkitError
 from sftkit.validation import RunCheck, data_identity, record_run, validate_run
@@ -282,7 +284,7 @@ def validate(recipe: RecipeArguments, model_args, train_args, num_processes: int
         )
 
 
-def validate_recipe_run(recipe: RecipeArguments, model_args, train_args, train_ds) -> RunCheck:
+def validate_recipe_run(recipe: RecipeArguments, model_args: Any, train_args: Any, train_ds: Any) -> RunCheck:
     """The run-level checks of sftkit.validation for a recipe: data against the tokenizer, then the output folder.
 
     Reads only the tokenizer (no weights). Rows longer than max_length are reported as a warning, not refused.

@@ -3,6 +3,12 @@
 ``validate_sft_dataset(dataset, tokenizer, args)`` finds the input shape SFTTrainer will see (text, formatting
 function, prompt/completion, conversational, pre-tokenized), checks every row, and measures what truncation
 to ``args.max_length`` would cut. Each problem raises ``SftkitError(problem, fix)`` naming the rows.
+
+``validate_run(args, model=..., train_dataset=..., tokenizer=...)`` checks a whole run: that, plus options that
+cannot work together or on this hardware (:func:`check_options`), and an output folder that already holds a
+different run (:func:`check_output_dir`, by the fingerprint in ``sftkit_run.json``). :func:`check_model_folder`,
+:func:`check_adapter_folder` and :func:`validate_merge` guard what is loaded and merged (no custom code, no
+pickles unless asked; an adapter that fits its base). docs/validation.md lists every refusal and its test.
 """
 
 from __future__ import annotations
