@@ -122,8 +122,16 @@ def _config(tmp_path, **kw) -> DemoConfig:
                       n_train=48, per_device_train_batch_size=4, **kw)
 
 
-def test_resume_continues_the_same_losses(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (the same arithmetic in both runs), restored afterwards."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_resume_continues_the_same_losses(tmp_path, one_thread):
     trainer = build_trainer(_config(tmp_path, max_steps=4, save_steps=2, output_dir=str(tmp_path / "a")))
     trainer.train()
     full = read_losses(tmp_path / "a")
