@@ -155,7 +155,7 @@ def test_token_loss_arithmetic():
     assert tl.mean_of_batch_means == pytest.approx(2.0)
 
 
-def test_token_mean_loss_is_independent_of_batch_size(tmp_path):
+def test_token_mean_loss_is_independent_of_batch_size(tmp_path, one_thread):
     rows = [json.loads(line) for line in (WORLD_DIR / "chat_heldout.jsonl").read_text().splitlines()[:12]]
     # Answers of very different lengths make the mean of batch means visibly batch-dependent.
     for i, row in enumerate(rows):
