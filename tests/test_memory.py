@@ -244,3 +244,22 @@ def test_model_shape_head_dim_default():
     assert (
         shape.parameters == 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64) + 2 * 100 * 64 + 64
     )
+
+
+def test_committed_gpu_error_table_matches_the_planner_code():
+    """bench/results/memory_planner_h100.json: the planner's GPU error table. Its predictions must be what the
+    current code predicts (else the table is stale: rerun the bench), and every error within the ±15% target."""
+    doc = json.loads((REPO_ROOT / "bench" / "results" / "memory_planner_h100.json").read_text())
+    assert len(doc["results"]) >= 4 and not doc["failures"]
+    assert {r["method"] for r in doc["results"]} >= {"full", "lora", "qlora"}
+    sizes = [r["parameters"] for r in doc["results"]]
+    assert min(sizes) < 0.6e9 and max(sizes) > 2.9e9  # spans 0.5B to 3B shapes
+    for r in doc["results"]:
+        shape = ModelShape(**r["shape"])
+        est = estimate(
+            shape, r["method"], r["seq_len"], r["batch"], r["optimizer"], r["checkpointing"],
+            precision=r["precision"], lora_r=16, device="cuda",
+        )  # fmt: skip
+        assert est.peak_gib == pytest.approx(r["predicted"]["peak_gib"], rel=1e-6), r["name"]
+        error = 100 * (r["predicted"]["peak_gib"] / r["measured"]["peak_gib"] - 1)
+        assert error == pytest.approx(r["error_pct"], abs=0.06) and abs(error) <= 15, r["name"]
