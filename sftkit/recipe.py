@@ -675,9 +675,8 @@ def train(
     info["fingerprint"] = check.fingerprint["sha256"]
     info["resumes_run"] = check.resumes
     if train_args.process_index == 0:
-        _print_run_info(info)
         record_run(out, check.fingerprint)
-        atomic_write_json(out / "run_info.json", info)
+        atomic_write_json(out / "run_info.json", info)  # before loading anything: a crash still leaves a record
 
     model, tokenizer = load_model(recipe, model_args, train_args)
     new_ids = set_padding(model, tokenizer, recipe)
@@ -695,6 +694,14 @@ def train(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    # train_args.distributed_state is accelerate's PartialState, which says MULTI_GPU under FSDP and DeepSpeed
+    # too; the trainer's Accelerator knows which engine it set up.
+    accelerator_type = str(trainer.accelerator.distributed_type)
+    info["distributed_type"] = accelerator_type.split(".")[-1]
+    info["engine"] = _engine_name(accelerator_type, n_proc)
+    if train_args.process_index == 0:
+        _print_run_info(info)
+        atomic_write_json(out / "run_info.json", info)
     with RunTimer() as timer:
         result = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
     metrics: dict = {"train_loss": result.training_loss, "global_step": result.global_step}
@@ -705,6 +712,7 @@ def train(
     metrics["log_history"] = trainer.state.log_history
     metrics["global_batch_size"] = info["global_batch_size"]
     metrics["num_processes"] = n_proc
+    metrics["engine"] = info["engine"]
     metrics["new_token_ids"] = new_ids
     # bitsandbytes layers actually in the model: proof that load_in_4bit/8bit took effect
     metrics["quantized_linear_layers"] = sum(
