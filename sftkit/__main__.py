@@ -16,12 +16,13 @@ from sftkit.errors import SftkitError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sftkit.recipe", "train from a YAML recipe plus overrides (python -m sftkit train --config FILE)"),
     "merge": ("sftkit.merge", "merge a LoRA adapter into its base model and save a plain transformers model"),
+    "resume-demo": ("sftkit.resume", "the small checkpointing LoRA run of notebook 12 (losses to losses.jsonl)"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: python -m sftkit <command> [arguments]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`python -m sftkit <command> --help` lists a command's arguments."]
     return "\n".join(lines)
 

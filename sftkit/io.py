@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sftkit.errors import SftkitError
 
@@ -52,26 +53,40 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     _fsync_dir(path.parent)
 
 
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary sibling folder that replaces ``path`` only if the block succeeds."""
+def stale_siblings(path: str | os.PathLike) -> list[Path]:
+    """Hidden temp/backup siblings of ``path`` left by an interrupted atomic save (``.name.tmp-*``, ``.name.old-*``)."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise SftkitError(
-            f"{str(path)!r} exists and is a file, but atomic_dir writes a folder there.",
-            "remove or rename that file, or choose another output folder.",
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(path, "tmp")
-    # os.mkdir rather than tempfile.mkdtemp: mkdtemp creates mode 0700, which would become the
-    # final folder's permissions after the rename.
-    os.mkdir(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if not path.parent.is_dir():
+        return []
+    return sorted(
+        p for p in path.parent.iterdir() if p.name.startswith((f".{path.name}.tmp-", f".{path.name}.old-"))
+    )
 
+
+def clean_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove what an interrupted save of ``path`` left behind; restore the previous output if a crash hid it.
+
+    A save killed while writing leaves a hidden ``.name.tmp-*`` folder (deleted here). A save killed between
+    its two renames leaves the previous output as ``.name.old-*`` and nothing at ``path``: it is moved back.
+    Returns the paths removed.
+    """
+    path = Path(path)
+    stale = stale_siblings(path)
+    backups = [p for p in stale if p.name.startswith(f".{path.name}.old-")]
+    if not path.exists() and len(backups) == 1:
+        os.replace(backups[0], path)
+        stale.remove(backups[0])
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
+
+
+def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the finished folder ``tmp`` to ``path``, replacing what is there; the old folder goes last."""
+    tmp, path = Path(tmp), Path(path)
     backup = _sibling(path, "old") if path.exists() else None
     if backup is not None:
         # A directory cannot be renamed over a non-empty one, so move the old one aside first
@@ -87,3 +102,37 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(path.parent)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary sibling folder that replaces ``path`` only if the block succeeds.
+
+    Leftovers of an earlier interrupted save of the same ``path`` are cleaned first (see :func:`clean_stale`).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SftkitError(
+            f"{str(path)!r} exists and is a file, but atomic_dir writes a folder there.",
+            "remove or rename that file, or choose another output folder.",
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
+    tmp = _sibling(path, "tmp")
+    # os.mkdir rather than tempfile.mkdtemp: mkdtemp creates mode 0700, which would become the
+    # final folder's permissions after the rename.
+    os.mkdir(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, path)
+
+
+def save_pretrained_atomic(path: str | os.PathLike, *objects: Any) -> Path:
+    """``obj.save_pretrained`` for each object (model, tokenizer, ...) into ``path``, complete or not at all."""
+    with atomic_dir(path) as tmp:
+        for obj in objects:
+            obj.save_pretrained(tmp)
+    return Path(path)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from sftkit.device import choose_precision, normalize_precision_name
 from sftkit.errors import SftkitError
+from sftkit.validation import check_model_folder
 
 _EXAMPLE_SOURCES = (
     'sftkit.paths.TINY_MODEL_DIR (the tiny model in this repo) or a Hub id such as "Qwen/Qwen2.5-0.5B"'
@@ -28,18 +29,27 @@ def load_model_and_tokenizer(
     trust_remote_code: bool = False,
     quantization_config=None,
     attn_implementation: str | None = None,
+    allow_pickle: bool = False,
     **model_kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return ``(model, tokenizer)`` from a local folder or a Hub id, with a usable pad token."""
+    """Return ``(model, tokenizer)`` from a local folder or a Hub id, with a usable pad token.
+
+    Safe by default: a model that ships its own code (``auto_map``) is refused unless ``trust_remote_code=True``,
+    and weights are read from safetensors only unless ``allow_pickle=True`` (see sftkit.validation).
+    """
     if "torch_dtype" in model_kwargs:
         raise SftkitError(
             "torch_dtype= is the transformers 4 name of the argument.",
             'pass dtype= instead, e.g. dtype="bf16" or dtype=torch.bfloat16.',
         )
     source, is_local = _resolve_source(name_or_path)
+    if is_local:
+        check_model_folder(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     load_dtype = _resolve_dtype(dtype)
 
     kwargs: dict = {"dtype": load_dtype, "trust_remote_code": trust_remote_code, **model_kwargs}
+    if not allow_pickle:
+        kwargs.setdefault("use_safetensors", True)
     if device_map is not None:
         kwargs["device_map"] = device_map
     if quantization_config is not None:
@@ -55,7 +65,21 @@ def load_model_and_tokenizer(
             source, trust_remote_code=trust_remote_code, **tokenizer_kwargs
         )
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise SftkitError(
+            f"{source!r} needs its own Python code to load; running it executes code from the model's authors on "
+            "this machine with your permissions.",
+            "read the model's .py files on its Hub page first; if you trust them, pass trust_remote_code=True.",
+        ) from exc
     except OSError as exc:
+        if not is_local and not allow_pickle and "safetensors" in str(exc).lower():
+            raise SftkitError(
+                f"{source!r} has no safetensors weights, only pickle files; unpickling a file can run arbitrary "
+                "code, so sftkit loads safetensors only.",
+                "look for a safetensors revision of the model, or opt in with allow_pickle=True if you trust it.",
+            ) from exc
         if is_local:
             raise
         raise _hub_error(source, exc) from exc

@@ -268,10 +268,18 @@ def merge_adapter(
     *,
     dtype: str | torch.dtype = "auto",
     probe_text: str = PROBE_TEXT,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> MergeResult:
-    """Check, load, merge and verify: returns the merged plain model with its tokenizer and the logit check."""
+    """Check, load, merge and verify: returns the merged plain model with its tokenizer and the logit check.
+
+    The checks go through :mod:`sftkit.validation`: no custom model code unless ``trust_remote_code``, no pickle
+    weights unless ``allow_pickle``, and an adapter that fits the base (:func:`~sftkit.validation.validate_merge`).
+    """
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from sftkit.validation import check_model_folder, validate_merge
 
     adapter = Path(adapter)
     torch_dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -280,25 +288,30 @@ def merge_adapter(
     base = os.fspath(base)
     if not Path(base).exists() and (base.startswith((".", "/", "~")) or base.count("/") > 1):
         raise SftkitError(f"base model folder {base!r} does not exist.", "check the path, or pass a Hub id.")
+    check_model_folder(base, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     try:
-        base_config = AutoConfig.from_pretrained(base)
+        base_config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise SftkitError(
             f"cannot read the base model's config from {base!r}: {exc}", "pass a model folder or Hub id."
         ) from exc
     _adapter_files(adapter)  # fail on a bad adapter folder before the tokenizer or weights are read
     has_tokenizer = (adapter / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else base)
-    rows = check_adapter_matches_base(
-        base_config, adapter, adapter_vocab=len(tokenizer) if has_tokenizer else None
+    tokenizer = AutoTokenizer.from_pretrained(
+        adapter if has_tokenizer else base, trust_remote_code=trust_remote_code
+    )
+    rows = validate_merge(
+        base_config, adapter, adapter_vocab=len(tokenizer) if has_tokenizer else None, allow_pickle=allow_pickle
     )
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch_dtype, use_safetensors=not allow_pickle or None, trust_remote_code=trust_remote_code
+    )
     notes = []
     if rows is not None:
         model.resize_token_embeddings(rows, mean_resizing=False)
         notes.append(f"resized the base's embeddings to {rows} rows to match the adapter (new tokens)")
-    peft_model = PeftModel.from_pretrained(model, adapter)
+    peft_model = PeftModel.from_pretrained(model, adapter)  # validate_merge refused a pickle adapter above
     peft_model.eval()
     inputs = tokenizer(probe_text, return_tensors="pt")
     inputs.pop("token_type_ids", None)
@@ -438,6 +451,7 @@ def merge_to_folder(
     overwrite: bool = False,
     training_info: str | os.PathLike | None = None,
     verify_reload: bool = True,
+    allow_pickle: bool = False,
 ) -> dict:
     """Merge ``adapter`` into ``base`` and write a complete model folder at ``out`` (atomically); returns a summary."""
     adapter, out = Path(adapter), Path(out)
@@ -452,7 +466,7 @@ def merge_to_folder(
             f"--training-info {str(info_path)!r} does not exist.", "pass an existing JSON file."
         )
 
-    result = merge_adapter(base, adapter, dtype=dtype)
+    result = merge_adapter(base, adapter, dtype=dtype, allow_pickle=allow_pickle)
     model, tokenizer = result.model, result.tokenizer
     check = {
         "probe": "max |logit(merged) - logit(base + adapter)| on a probe sentence",
@@ -519,6 +533,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-verify", action="store_true", help="skip reloading the saved model to compare logits"
     )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickle weights (pytorch_model.bin, adapter_model.bin); unpickling can run arbitrary code",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -531,6 +550,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         training_info=args.training_info,
         verify_reload=not args.no_verify,
+        allow_pickle=args.allow_pickle,
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -7,6 +7,7 @@ Arguments are parsed by ``trl.TrlParser`` (transformers' ``HfArgumentParser`` pl
 dataclasses: :class:`RecipeArguments` (data and tokenizer, defined here), ``trl.ModelConfig`` (model, LoRA,
 4/8-bit) and ``trl.SFTConfig`` (every training knob). A YAML key is a field of one of them; a command-line flag
 overrides it. Everything is checked before any weights are read. The run folder (``output_dir``) receives
+``sftkit_run.json`` (the run's fingerprint: a different run is refused there, the same one resumes) and
 ``run_info.json`` at the start (global batch size, hardware, versions, the effective configuration),
 checkpoints while training, the final model or adapter in ``final/`` and ``metrics.json`` at the end.
 """
@@ -24,8 +25,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from sftkit.errors import SftkitError
+from sftkit.validation import RunCheck, data_identity, record_run, validate_run
 
 # Versions written into run_info.json: what a reader needs to reproduce or compare a run.
 _VERSIONED = (
@@ -88,6 +91,22 @@ class RecipeArguments:
     )
     save_final_model: bool = field(
         default=True, metadata={"help": "Save the final model/adapter and tokenizer to <output_dir>/final."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "aliases": ["--overwrite"],
+            "help": "Train into an output_dir that already holds a different run (its sftkit_run.json, "
+            "checkpoints or final model differ from this run's). Without it such a folder is refused.",
+        },
+    )
+    allow_pickle: bool = field(
+        default=False,
+        metadata={
+            "aliases": ["--allow-pickle"],
+            "help": "Accept a model whose weights are pickle files (pytorch_model.bin). Unpickling can run "
+            "arbitrary code; by default only safetensors are read.",
+        },
     )
 
 
@@ -179,10 +198,17 @@ def _distributed_engine() -> str:
 
 
 def validate(recipe: RecipeArguments, model_args, train_args, num_processes: int = 1) -> None:
-    """Raise SftkitError for missing inputs or options that cannot work together."""
-    from sftkit.device import choose_precision
+    """Raise SftkitError for missing inputs or options that cannot work together (via sftkit.validation)."""
+    from sftkit.validation import check_model_folder, check_options
 
-    choose_precision(_precision_name(train_args))  # bf16/fp16 asked for on hardware that lacks it
+    # Precision vs hardware, QLoRA without bitsandbytes or LoRA, quantization under DeepSpeed, tokens in the config.
+    check_options(
+        train_args,
+        use_peft=bool(model_args.use_peft),
+        load_in_4bit=bool(model_args.load_in_4bit),
+        load_in_8bit=bool(model_args.load_in_8bit),
+        distributed_engine=_distributed_engine(),
+    )
     if not model_args.model_name_or_path:
         raise SftkitError(
             "no model given (model_name_or_path is empty).",
@@ -209,19 +235,12 @@ def validate(recipe: RecipeArguments, model_args, train_args, num_processes: int
             f"train_file {recipe.train_file!r} is not a table.",
             f"use one of {', '.join(_DATA_SUFFIXES)} with a `text` column (csv) or `messages` rows (jsonl).",
         )
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        if not model_args.use_peft:
-            raise SftkitError(
-                "load_in_4bit/load_in_8bit without LoRA: a bitsandbytes-quantized model cannot be fully "
-                "fine-tuned.",
-                "set `use_peft: true` (QLoRA), or drop load_in_4bit/load_in_8bit for full fine-tuning.",
-            )
-        if _distributed_engine() == "deepspeed":
-            raise SftkitError(
-                "load_in_4bit/load_in_8bit with DeepSpeed: ZeRO cannot partition bitsandbytes weights here.",
-                "launch quantized LoRA with configs/accelerate/ddp.yaml (each GPU holds the small 4-bit model), "
-                "or drop the quantization and use a ZeRO config.",
-            )
+    if Path(model_args.model_name_or_path).is_dir():  # custom code or pickle weights: refused unless asked
+        check_model_folder(
+            model_args.model_name_or_path,
+            trust_remote_code=bool(train_args.trust_remote_code),
+            allow_pickle=recipe.allow_pickle,
+        )
     if recipe.device_map is not None:
         if num_processes > 1 or _distributed_engine():
             raise SftkitError(
@@ -263,6 +282,42 @@ def validate(recipe: RecipeArguments, model_args, train_args, num_processes: int
             "per_device_train_batch_size and gradient_accumulation_steps must be at least 1.",
             "set both to positive integers.",
         )
+
+
+def validate_recipe_run(recipe: RecipeArguments, model_args: Any, train_args: Any, train_ds: Any) -> RunCheck:
+    """The run-level checks of sftkit.validation for a recipe: data against the tokenizer, then the output folder.
+
+    Reads only the tokenizer (no weights). Rows longer than max_length are reported as a warning, not refused.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        trust_remote_code=bool(train_args.trust_remote_code),
+        **({"revision": model_args.model_revision} if model_args.model_revision not in (None, "main") else {}),
+    )
+    peft = None
+    if model_args.use_peft:
+        peft = {k: v for k, v in asdict(model_args).items() if k.startswith(("lora_", "use_rs", "use_dora"))}
+    return validate_run(
+        train_args,
+        model=model_args.model_name_or_path,
+        train_dataset=train_ds,
+        tokenizer=tokenizer,
+        peft_config=peft,
+        load_in_4bit=bool(model_args.load_in_4bit),
+        load_in_8bit=bool(model_args.load_in_8bit),
+        data_id={
+            **data_identity(recipe.train_file, recipe.validation_file, recipe.extra_tokens_file),
+            "max_train_samples": recipe.max_train_samples,
+            "corpus_mode": recipe.corpus_mode,
+            "pad_token_id": recipe.pad_token_id,
+            "new_pad_token": recipe.new_pad_token,
+        },
+        overwrite_output_dir=recipe.overwrite_output_dir,
+        on_truncation="warn",
+        distributed_engine=_distributed_engine(),
+    )
 
 
 def _looks_local(value: str) -> bool:
@@ -403,6 +458,7 @@ def load_model(recipe: RecipeArguments, model_args, train_args):
         quantization_config=quantization,
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=train_args.trust_remote_code,
+        allow_pickle=recipe.allow_pickle,
         **kwargs,
     )
     if quantization is not None:
@@ -554,20 +610,30 @@ def rank_report(trainer, seconds: float) -> dict:
 
 
 def _save_final(trainer, tokenizer, out: Path) -> None:
-    """Save model + tokenizer to ``out`` completely or not at all; every process takes part (sharded states)."""
-    staging = out.with_name(f".{out.name}.partial")
-    if trainer.is_world_process_zero() and staging.exists():
-        shutil.rmtree(staging)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # gathers ZeRO-3/FSDP shards; only the main process writes
-    trainer.accelerator.wait_for_everyone()
+    """Save model + tokenizer to ``out`` completely or not at all; every process takes part (sharded states).
+
+    The same protocol as sftkit.io.atomic_dir, with a staging name every process knows: leftovers of an
+    interrupted save are cleaned, the files go to a hidden sibling, which then replaces ``out`` in one rename.
+    """
+    from sftkit.io import clean_stale, replace_dir
+
+    staging = out.with_name(f".{out.name}.tmp-final")
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(staging)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
+        clean_stale(out)
+    trainer.accelerator.wait_for_everyone()
+    try:
+        trainer.save_model(str(staging))  # gathers ZeRO-3/FSDP shards; only the main process writes
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(staging)
+            # The Trainer pickles its TrainingArguments here; run_info.json holds them as JSON, and final/ keeps
+            # to safetensors and JSON so that loading it never unpickles anything.
+            (staging / "training_args.bin").unlink(missing_ok=True)
+            replace_dir(staging, out)
+    except BaseException:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     trainer.accelerator.wait_for_everyone()
 
 
@@ -594,14 +660,17 @@ def train(
         train_args.packing = True
         train_args.packing_strategy = "wrapped"
         train_args.padding_free = False
+    check = validate_recipe_run(recipe, model_args, train_args, train_ds)
     out = Path(train_args.output_dir)
     info = run_info(recipe, model_args, train_args, argv)
     info["data_format"] = fmt
     info["train_rows"] = len(train_ds)
     info["eval_rows"] = len(eval_ds) if eval_ds is not None else 0
+    info["fingerprint"] = check.fingerprint["sha256"]
+    info["resumes_run"] = check.resumes
     if train_args.process_index == 0:
-        _print_run_info(info)
-        atomic_write_json(out / "run_info.json", info)
+        record_run(out, check.fingerprint)
+        atomic_write_json(out / "run_info.json", info)  # before loading anything: a crash still leaves a record
 
     model, tokenizer = load_model(recipe, model_args, train_args)
     new_ids = set_padding(model, tokenizer, recipe)
@@ -619,6 +688,14 @@ def train(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    # train_args.distributed_state is accelerate's PartialState, which says MULTI_GPU under FSDP and DeepSpeed
+    # too; the trainer's Accelerator knows which engine it set up.
+    accelerator_type = str(trainer.accelerator.distributed_type)
+    info["distributed_type"] = accelerator_type.split(".")[-1]
+    info["engine"] = _engine_name(accelerator_type, n_proc)
+    if train_args.process_index == 0:
+        _print_run_info(info)
+        atomic_write_json(out / "run_info.json", info)
     with RunTimer() as timer:
         result = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
     metrics: dict = {"train_loss": result.training_loss, "global_step": result.global_step}
@@ -629,6 +706,7 @@ def train(
     metrics["log_history"] = trainer.state.log_history
     metrics["global_batch_size"] = info["global_batch_size"]
     metrics["num_processes"] = n_proc
+    metrics["engine"] = info["engine"]
     metrics["new_token_ids"] = new_ids
     # bitsandbytes layers actually in the model: proof that load_in_4bit/8bit took effect
     metrics["quantized_linear_layers"] = sum(

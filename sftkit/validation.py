@@ -3,15 +3,24 @@
 ``validate_sft_dataset(dataset, tokenizer, args)`` finds the input shape SFTTrainer will see (text, formatting
 function, prompt/completion, conversational, pre-tokenized), checks every row, and measures what truncation
 to ``args.max_length`` would cut. Each problem raises ``SftkitError(problem, fix)`` naming the rows.
+
+``validate_run(args, model=..., train_dataset=..., tokenizer=...)`` checks a whole run: that, plus options that
+cannot work together or on this hardware (:func:`check_options`), and an output folder that already holds a
+different run (:func:`check_output_dir`, by the fingerprint in ``sftkit_run.json``). :func:`check_model_folder`,
+:func:`check_adapter_folder` and :func:`validate_merge` guard what is loaded and merged (no custom code, no
+pickles unless asked; an adapter that fits its base). docs/validation.md lists every refusal and its test.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 from sftkit.errors import SftkitError
@@ -515,3 +524,377 @@ def _truncation_problem(report: DatasetReport, on_truncation: str) -> None:
     if on_truncation == "error":
         raise SftkitError(problem, fix)
     warnings.warn(f"{problem}\nFix: {fix}", UserWarning, stacklevel=3)
+
+
+# ==============================================================================================================
+# Run-level checks: options that cannot work together, the hardware, the output folder, model and adapter folders.
+# The train command (sftkit.recipe), the merge command (sftkit.merge), load_model_and_tokenizer (sftkit.loading)
+# and the notebooks all go through these, so a bad run stops here, before any weights are read.
+
+RUN_FILE = "sftkit_run.json"  # the run fingerprint written into output_dir when training starts
+# Fields of SFTConfig that do not change what is trained (bookkeeping, logging, how long): a run whose other
+# fields, model and data match the recorded ones may resume in the same output_dir.
+_NOT_FINGERPRINTED = frozenset(
+    {
+        "output_dir", "logging_dir", "run_name", "resume_from_checkpoint", "overwrite_output_dir", "report_to",
+        "logging_steps", "logging_strategy", "logging_first_step", "logging_nan_inf_filter", "save_steps",
+        "save_strategy", "save_total_limit", "save_only_model", "save_safetensors", "eval_steps", "eval_strategy",
+        "eval_delay", "eval_on_start", "per_device_eval_batch_size", "dataloader_num_workers",
+        "dataloader_prefetch_factor", "dataloader_persistent_workers", "dataloader_pin_memory", "disable_tqdm",
+        "log_level", "log_level_replica", "log_on_each_node", "push_to_hub", "hub_model_id", "hub_strategy",
+        "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "max_steps", "num_train_epochs",
+        "trackio_space_id", "project", "include_num_input_tokens_seen", "skip_memory_metrics", "use_cpu",
+    }
+)  # fmt: skip
+# Files that mark a folder as holding a training run (checkpoints, the final model, sftkit's records).
+_RUN_MARKERS = ("trainer_state.json", "run_info.json", "metrics.json", "final", "adapter_config.json",
+                "model.safetensors", "training_args.bin")  # fmt: skip
+_PICKLE_MODEL_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class RunCheck:
+    """What validate_run found: the run fingerprint (to record in output_dir) and the dataset report."""
+
+    fingerprint: dict
+    report: DatasetReport | None = None
+    resumes: bool = False  # output_dir already holds this same run
+
+
+def _bitsandbytes_available() -> bool:
+    """True when bitsandbytes can be imported (needed for 4-/8-bit loading)."""
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _training_device(args: Any) -> str:
+    from sftkit.device import detect_device
+
+    return "cpu" if _arg(args, "use_cpu", False) else detect_device()
+
+
+def check_precision(args: Any, device: str | None = None) -> None:
+    """Raise SftkitError when args.bf16/args.fp16 asks for a precision ``device`` cannot train in."""
+    import torch
+
+    from sftkit.device import choose_precision
+
+    bf16, fp16 = bool(_arg(args, "bf16", False)), bool(_arg(args, "fp16", False))
+    if bf16 and fp16:
+        raise SftkitError(
+            "both bf16=True and fp16=True are set; mixed precision is one or the other.",
+            "keep one: bf16 on Ampere or newer GPUs, fp16 on older GPUs, neither on a CPU.",
+        )
+    if not (bf16 or fp16):
+        return
+    device = device or _training_device(args)
+    choose_precision("bf16" if bf16 else "fp16", device=device)  # CPU, or bf16 on a GPU without it
+    if fp16 and device == "cuda":
+        major, minor = torch.cuda.get_device_capability(0)
+        if (major, minor) < (5, 3):
+            name = torch.cuda.get_device_name(0)
+            raise SftkitError(
+                f"fp16=True but {name} (compute capability {major}.{minor}) has no half-precision arithmetic; "
+                "it needs compute capability 5.3 or newer.",
+                "train in fp32 (bf16=False, fp16=False) on this GPU, or use a newer GPU.",
+            )
+
+
+def check_options(
+    args: Any,
+    *,
+    use_peft: bool | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    data_collator: Any = None,
+    train_dataset: Any = None,
+    distributed_engine: str = "",
+    device: str | None = None,
+) -> None:
+    """Raise SftkitError for SFTConfig options that cannot work together or on this hardware.
+
+    ``use_peft`` (LoRA/QLoRA; None = not known), ``load_in_4bit``/``load_in_8bit`` (bitsandbytes quantization),
+    ``data_collator`` (a custom one, if any), ``train_dataset`` (to spot a stream) and ``distributed_engine``
+    ("deepspeed", "fsdp" or "") describe the rest of the run.
+    """
+    check_precision(args, device)
+    if _arg(args, "hub_token", None):
+        raise SftkitError(
+            "hub_token is set in the training configuration; it would be pickled into training_args.bin next to "
+            "every checkpoint and could leak with the run folder.",
+            "remove hub_token from the config and set the token in the environment only (HF_TOKEN, or "
+            "`hf auth login`); sftkit never writes it anywhere.",
+        )
+    if load_in_4bit or load_in_8bit:
+        bits = "4" if load_in_4bit else "8"
+        if not _bitsandbytes_available():
+            raise SftkitError(
+                f"load_in_{bits}bit=True (QLoRA) but bitsandbytes is not installed, so the base model cannot "
+                "be quantized.",
+                "pip install bitsandbytes (on a CUDA machine), or drop load_in_4bit/load_in_8bit and train LoRA "
+                "on the 16-bit model.",
+            )
+        if use_peft is False:
+            raise SftkitError(
+                "load_in_4bit/load_in_8bit without LoRA: a bitsandbytes-quantized model cannot be fully "
+                "fine-tuned.",
+                "set `use_peft: true` (QLoRA), or drop load_in_4bit/load_in_8bit for full fine-tuning.",
+            )
+        if distributed_engine == "deepspeed":
+            raise SftkitError(
+                "load_in_4bit/load_in_8bit with DeepSpeed: ZeRO cannot partition bitsandbytes weights here.",
+                "launch quantized LoRA with configs/accelerate/ddp.yaml (each GPU holds the small 4-bit model), "
+                "or drop the quantization and use a ZeRO config.",
+            )
+    packing, strategy = _arg(args, "packing", False), _arg(args, "packing_strategy", "bfd")
+    padding_free = _arg(args, "padding_free", False) or (packing and strategy in ("bfd", "bfd_split"))
+    if padding_free and data_collator is not None:
+        why = "padding_free=True" if _arg(args, "padding_free", False) else f"packing_strategy={strategy!r}"
+        raise SftkitError(
+            f"{why} with a custom data_collator ({type(data_collator).__name__}): padding-free batches are one "
+            "row per batch whose documents are kept apart only by position_ids, which only TRL's own collator "
+            "builds (TRL refuses a custom one).",
+            "drop data_collator= (SFTTrainer then builds the padding-free collator), or keep the collator and "
+            "set padding_free=False with packing=False or packing_strategy='wrapped'.",
+        )
+    if train_dataset is not None:
+        from datasets import IterableDataset
+
+        if isinstance(train_dataset, IterableDataset) and (_arg(args, "max_steps", -1) or -1) <= 0:
+            raise SftkitError(
+                "the training data is a stream (datasets.IterableDataset) but max_steps is not set; a stream "
+                "has no length, so the Trainer cannot work out how many steps an epoch is.",
+                "set SFTConfig(max_steps=N) (N = rows to train on / global batch size), or load the data as a "
+                "map-style datasets.Dataset.",
+            )
+
+
+def run_fingerprint(args: Any, *, model: str, data: Any = None, peft: Any = None) -> dict:
+    """What identifies a training run: the model, the data, the PEFT config and the SFTConfig minus bookkeeping.
+
+    The dict (JSON-able) is what sftkit_run.json records; ``["sha256"]`` is its hash. Token fields are never
+    included (SFTConfig.to_dict() masks them and they are dropped here as well).
+    """
+    config = args.to_dict() if hasattr(args, "to_dict") else dict(vars(args))
+    config = {
+        k: v for k, v in config.items() if k not in _NOT_FINGERPRINTED and not k.endswith("_token")
+    }
+    if peft is not None and hasattr(peft, "to_dict"):
+        peft = peft.to_dict()
+    body = {"model": str(model), "data": data, "peft": peft, "config": config}
+    text = json.dumps(body, sort_keys=True, default=str)
+    body = json.loads(text)  # what is written back is exactly what was hashed
+    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), **body}
+
+
+def data_identity(*paths: str | None, dataset: Any = None) -> dict:
+    """Identify training data: sha256 of each local file, else a datasets fingerprint (None when unknown)."""
+    out: dict[str, Any] = {}
+    for path in paths:
+        if not path:
+            continue
+        p = Path(path)
+        if p.is_file():
+            digest = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            out[p.name] = digest.hexdigest()
+        else:
+            out[str(path)] = "not a local file"
+    if dataset is not None:
+        out["dataset_fingerprint"] = getattr(dataset, "_fingerprint", None)
+    return out
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every field where two fingerprints differ (nested keys dotted, config unprefixed)."""
+    flat_old, flat_new = (
+        {k.removeprefix("config."): v for k, v in _flatten({k: d.get(k) for k in ("model", "data", "peft", "config")}).items()}
+        for d in (old, new)
+    )  # fmt: skip
+    return [
+        f"{key}: {flat_old.get(key)!r:.40} -> {flat_new.get(key)!r:.40}"
+        for key in sorted(set(flat_old) | set(flat_new))
+        if flat_old.get(key) != flat_new.get(key)
+    ]
+
+
+def check_output_dir(output_dir: str | Path, fingerprint: dict, *, overwrite: bool = False) -> bool:
+    """Refuse an output_dir that holds a different run; returns True when it holds this same run (a resume).
+
+    The run is identified by ``sftkit_run.json``: the same fingerprint may resume (checkpoints continue),
+    a different one is refused; a folder with checkpoints or a saved model but no record is refused too.
+    ``overwrite=True`` (SFTConfig-style ``overwrite_output_dir`` / the train command's ``--overwrite``)
+    accepts any folder.
+    """
+    out = Path(output_dir)
+    if overwrite or not out.is_dir():
+        return False
+    fix = (
+        "use a new output_dir, or pass overwrite_output_dir=True (the train command's --overwrite) to train into "
+        "it anyway; to resume, run with the same model, data and configuration."
+    )
+    record = out / RUN_FILE
+    if record.is_file():
+        try:
+            old = json.loads(record.read_text(encoding="utf-8"))
+        except ValueError:
+            old = {}
+        if old.get("sha256") == fingerprint.get("sha256"):
+            return True
+        diffs = _differences(old, fingerprint) or ["the recorded fingerprint is unreadable"]
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise SftkitError(
+            f"output_dir {str(out)!r} already holds a different run ({RUN_FILE} differs: {shown}).", fix
+        )
+    found = sorted(
+        p.name for p in out.iterdir() if p.name in _RUN_MARKERS or p.name.startswith("checkpoint-")
+    )
+    if found:
+        raise SftkitError(
+            f"output_dir {str(out)!r} already holds another run ({', '.join(found[:4])}) with no {RUN_FILE} to "
+            "show it is this one.",
+            fix,
+        )
+    return False
+
+
+def record_run(output_dir: str | Path, fingerprint: dict) -> Path:
+    """Write the run fingerprint to ``output_dir/sftkit_run.json`` (atomically); returns its path."""
+    from sftkit.io import atomic_write_json
+
+    path = Path(output_dir) / RUN_FILE
+    atomic_write_json(path, fingerprint)
+    return path
+
+
+def validate_run(
+    args: Any,
+    *,
+    model: str,
+    train_dataset: Any = None,
+    tokenizer: Any = None,
+    formatting_func: Callable | None = None,
+    data_collator: Any = None,
+    peft_config: Any = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    data_id: Any = None,
+    overwrite_output_dir: bool = False,
+    on_truncation: str = "error",
+    max_rows: int | None = None,
+    distributed_engine: str = "",
+    record: bool = False,
+) -> RunCheck:
+    """Check a whole SFT run before training; raise SftkitError(problem, fix) on the first bad input.
+
+    Options and hardware (:func:`check_options`), the training data against the tokenizer
+    (:func:`validate_sft_dataset`, when both are given), and the output folder (:func:`check_output_dir`,
+    by a fingerprint of model + data + config). ``record=True`` writes ``sftkit_run.json`` when all is well.
+    """
+    use_peft = None if peft_config is None and not (load_in_4bit or load_in_8bit) else peft_config is not None
+    check_options(
+        args,
+        use_peft=use_peft,
+        load_in_4bit=load_in_4bit,
+        load_in_8bit=load_in_8bit,
+        data_collator=data_collator,
+        train_dataset=train_dataset,
+        distributed_engine=distributed_engine,
+    )
+    report = None
+    if train_dataset is not None and tokenizer is not None:
+        report = validate_sft_dataset(
+            train_dataset, tokenizer, args, formatting_func=formatting_func, on_truncation=on_truncation,
+            max_rows=max_rows,
+        )  # fmt: skip
+    if data_id is None and train_dataset is not None:
+        data_id = data_identity(dataset=train_dataset)
+    fingerprint = run_fingerprint(args, model=model, data=data_id, peft=peft_config)
+    resumes = check_output_dir(_arg(args, "output_dir", None) or ".", fingerprint, overwrite=overwrite_output_dir)
+    if record:
+        record_run(args.output_dir, fingerprint)
+    return RunCheck(fingerprint, report, resumes)
+
+
+# --- model and adapter folders: no custom code unless asked, no pickle weights unless asked --------------------
+
+
+def check_model_folder(path: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
+    """Refuse a local model folder that needs custom code (auto_map) or holds only pickle weights, unless allowed."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    if not trust_remote_code:
+        for name in ("config.json", "tokenizer_config.json"):
+            file = folder / name
+            try:
+                auto_map = json.loads(file.read_text(encoding="utf-8")).get("auto_map") if file.is_file() else None
+            except (OSError, ValueError):
+                auto_map = None
+            if auto_map:
+                code = sorted({str(v).split(".")[0] for v in _flat_values(auto_map)})
+                raise SftkitError(
+                    f"{str(folder)!r} ships its own Python code ({name} has auto_map -> {', '.join(code)}); "
+                    "loading it would run that code on this machine with your permissions.",
+                    "read the .py files first; if you trust them, opt in with trust_remote_code=True (the train "
+                    "command's --trust_remote_code true); else use a model that needs no custom code.",
+                )
+    if allow_pickle:
+        return
+    has_safetensors = any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
+    pickles = sorted(p.name for p in folder.iterdir() if p.name.startswith("pytorch_model") and p.suffix == ".bin")
+    if pickles and not has_safetensors:
+        raise SftkitError(
+            f"{str(folder)!r} holds its weights only as pickle ({', '.join(pickles[:3])}); unpickling a file can "
+            "run arbitrary code, so sftkit loads safetensors only.",
+            "convert it once where you trust the file (load it and save_pretrained(), which writes "
+            "model.safetensors), or opt in with allow_pickle=True (--allow-pickle).",
+        )
+
+
+def _flat_values(mapping: Any) -> list:
+    if isinstance(mapping, Mapping):
+        return [v for value in mapping.values() for v in _flat_values(value)]
+    if isinstance(mapping, (list, tuple)):
+        return [v for value in mapping for v in _flat_values(value)]
+    return [mapping] if mapping else []
+
+
+def check_adapter_folder(adapter: str | Path, *, allow_pickle: bool = False) -> None:
+    """Refuse an adapter folder whose weights are a pickle (adapter_model.bin) unless ``allow_pickle``."""
+    folder = Path(adapter)
+    if allow_pickle or (folder / "adapter_model.safetensors").is_file():
+        return
+    if (folder / "adapter_model.bin").is_file():
+        raise SftkitError(
+            f"the adapter {str(folder)!r} is saved as a pickle (adapter_model.bin); unpickling a file can run "
+            "arbitrary code, so sftkit reads safetensors only.",
+            "save the adapter again with save_pretrained() (PEFT writes adapter_model.safetensors), or opt in "
+            "with allow_pickle=True (--allow-pickle) if you trust the file.",
+        )
+
+
+def validate_merge(
+    base_config: Any, adapter: str | Path, *, adapter_vocab: int | None = None, allow_pickle: bool = False
+) -> int | None:
+    """Check that ``adapter`` may be merged into the base described by ``base_config``; returns rows to resize to.
+
+    Refuses pickle adapters (unless ``allow_pickle``) and an adapter trained on another base
+    (:func:`sftkit.merge.check_adapter_matches_base`: every tensor's shape against the base's modules).
+    """
+    from sftkit.merge import check_adapter_matches_base
+
+    check_adapter_folder(adapter, allow_pickle=allow_pickle)
+    return check_adapter_matches_base(base_config, adapter, adapter_vocab=adapter_vocab)

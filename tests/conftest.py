@@ -9,12 +9,17 @@ from pathlib import Path
 import pytest
 
 # Set before anything imports transformers/datasets/wandb; kernels started by papermill inherit them.
+# Offline is forced, not defaulted: a test that needs the network fails here instead of passing on a laptop
+# with HF_HUB_OFFLINE=0 (tests/test_run_validation.py::test_the_test_session_is_offline checks it).
 for _key, _value in {
-    "PYTHONHASHSEED": "0",
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "WANDB_MODE": "offline",
+}.items():
+    os.environ[_key] = _value
+for _key, _value in {
+    "PYTHONHASHSEED": "0",
     "TOKENIZERS_PARALLELISM": "false",
     "MPLBACKEND": "Agg",
     "JUPYTER_PREFER_ENV_PATH": "1",  # the venv's python3 kernelspec wins over a user-level one
