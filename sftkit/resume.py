@@ -92,6 +92,7 @@ def build_trainer(config: DemoConfig, *, trainer_cls=SFTTrainer, callbacks=(), e
     from sftkit.data import load_split
     from sftkit.device import choose_precision
     from sftkit.loading import load_model_and_tokenizer
+    from sftkit.validation import validate_run
 
     prec = choose_precision("auto")
     # Seeded before the model and LoRA matrices are created: SFTTrainer wraps the model in PEFT (random LoRA A
@@ -131,8 +132,13 @@ def build_trainer(config: DemoConfig, *, trainer_cls=SFTTrainer, callbacks=(), e
     else:
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
+    args = SFTConfig(**kwargs)
+    # The validation layer every sftkit run goes through. A run that saves checkpoints records its fingerprint, so
+    # the same run may resume in this folder and a different one is refused.
+    validate_run(args, model=config.model_name, train_dataset=train_ds, tokenizer=tokenizer, peft_config=peft_config,
+                 record=bool(config.save_steps))
     logger = LossLogger(Path(config.output_dir) / LOSSES_FILE, config.step_delay)
-    trainer = trainer_cls(model=model, args=SFTConfig(**kwargs), train_dataset=train_ds, eval_dataset=eval_dataset,
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_dataset,
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[logger, *callbacks])
     # With disable_tqdm the Trainer prints every log record; losses.jsonl already holds them.
     trainer.remove_callback(PrinterCallback)

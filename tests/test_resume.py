@@ -148,6 +148,15 @@ def test_resume_continues_the_same_losses(tmp_path, one_thread):
         assert again[step]["learning_rate"] == full[step]["learning_rate"]
 
 
+
+def test_a_checkpointing_run_records_itself_and_refuses_a_different_one(tmp_path):
+    out = tmp_path / "run"
+    build_trainer(_config(tmp_path, max_steps=2, save_steps=1)).train()
+    assert (out / "sftkit_run.json").is_file() and (out / "checkpoint-2").is_dir()
+    build_trainer(_config(tmp_path, max_steps=2, save_steps=1))  # the same run: may resume here
+    with pytest.raises(SftkitError, match="already holds a different run.*learning_rate"):
+        build_trainer(_config(tmp_path, max_steps=2, save_steps=1, learning_rate=5e-4))
+
 def test_token_loss_arithmetic():
     tl = TokenLoss(loss_sum=2 * 1.0 + 6 * 3.0, tokens=8, batch_means=[1.0, 3.0], batch_tokens=[2, 6],
                    batch_sizes=[1, 1])
