@@ -332,6 +332,39 @@ def _check_template(tokenizer, args: Any) -> None:
         ) from err
 
 
+def _training_tokenizer(tokenizer, args: Any):
+    """The tokenizer as SFTTrainer will use it: ``args.chat_template_path`` applied to a copy, as TRL does.
+
+    A .jinja/.j2 file becomes the chat template; anything else is a tokenizer whose template, added tokens and
+    EOS are cloned (trl.clone_chat_template, without the model's embedding resize). Without the option, or
+    without a tokenizer, ``tokenizer`` is returned unchanged.
+    """
+    path = _arg(args, "chat_template_path", None)
+    if not path or tokenizer is None:
+        return tokenizer
+    import copy
+    import os
+
+    tokenizer = copy.deepcopy(tokenizer)
+    if os.path.isfile(path) and str(path).endswith((".jinja", ".j2")):
+        tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        source = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise SftkitError(
+            f"chat_template_path={path!r} is neither a .jinja/.j2 file nor a tokenizer that can be loaded "
+            f"({err}).",
+            "point it at a local .jinja file, a local tokenizer folder, or a hub id (needs the network).",
+        ) from err
+    tokenizer.chat_template = source.get_chat_template()
+    tokenizer.add_tokens([t for t in source.added_tokens_decoder.values() if t.content not in tokenizer.vocab])
+    tokenizer.eos_token = source.eos_token
+    return tokenizer
+
+
 def _text_lengths(tokenizer, texts: list[str], eos: str) -> list[int]:
     texts = [t if t.endswith(eos) else t + eos for t in texts]
     return [len(ids) for ids in tokenizer(texts)["input_ids"]]
@@ -348,14 +381,15 @@ def validate_sft_dataset(
 ) -> DatasetReport:
     """Check ``dataset`` for ``SFTTrainer(args=args, processing_class=tokenizer)``; raise SftkitError on bad input.
 
-    ``args`` is the SFTConfig (its dataset_text_field, max_length, packing, assistant_only_loss and
-    eos_token are used; None means SFTConfig's defaults). ``on_truncation`` is "error", "warn" or "ignore"
-    for rows longer than max_length. ``max_rows`` checks only the first rows (an IterableDataset is
-    checked on its first 1,000 unless told otherwise). Returns a DatasetReport.
+    ``args`` is the SFTConfig (its dataset_text_field, max_length, packing, assistant_only_loss, eos_token
+    and chat_template_path are used; None means SFTConfig's defaults). ``on_truncation`` is "error", "warn"
+    or "ignore" for rows longer than max_length. ``max_rows`` checks only the first rows (an
+    IterableDataset is checked on its first 1,000 unless told otherwise). Returns a DatasetReport.
     """
     if on_truncation not in ("error", "warn", "ignore"):
         raise SftkitError(f"on_truncation={on_truncation!r}.", 'use "error", "warn" or "ignore".')
     dataset = require_single_split(dataset)
+    tokenizer = _training_tokenizer(tokenizer, args)  # with SFTConfig.chat_template_path, as the trainer will
     from datasets import IterableDataset
 
     if isinstance(dataset, IterableDataset):

@@ -190,6 +190,36 @@ def test_validate_run_checks_the_data_too(tmp_path):
             train_dataset=Dataset.from_list([{"text": "a"}, {"text": None}]))  # fmt: skip
 
 
+def test_chat_template_path_is_the_template_checked(tmp_path):
+    """validate_run checks the template SFTTrainer will use: SFTConfig.chat_template_path, not the tokenizer's."""
+    from transformers import AutoTokenizer
+
+    chat = Dataset.from_list([{"messages": [{"role": "user", "content": "Where does Ada live?"},
+                                            {"role": "assistant", "content": "Oakridge"}]}])  # fmt: skip
+    marked = AutoTokenizer.from_pretrained(TINY_MODEL_DIR).chat_template
+    unmarked = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    unmarked.chat_template = marked.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    jinja = tmp_path / "marked.jinja"
+    jinja.write_text(marked, encoding="utf-8")
+    refused("needs \\{% generation %\\}", validate_run, config(tmp_path, assistant_only_loss=True), model="m",
+            train_dataset=chat, tokenizer=unmarked)  # fmt: skip
+    # the fix the refusal suggests (a marked .jinja through chat_template_path) is accepted
+    check = validate_run(config(tmp_path, assistant_only_loss=True, chat_template_path=str(jinja)), model="m",
+                         train_dataset=chat, tokenizer=unmarked)  # fmt: skip
+    assert check.report.n_rows == 1 and "{% generation %}" not in unmarked.chat_template  # caller's copy untouched
+    # a base model without a template, given one by cloning a tokenizer folder (trl.clone_chat_template)
+    bare = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    bare.chat_template = None
+    refused("no chat template", validate_run, config(tmp_path), model="m", train_dataset=chat, tokenizer=bare)
+    source = tmp_path / "source_tokenizer"
+    AutoTokenizer.from_pretrained(TINY_MODEL_DIR).save_pretrained(source)
+    assert validate_run(config(tmp_path, chat_template_path=str(source)), model="m", train_dataset=chat,
+                        tokenizer=bare).report.shape == "conversational"  # fmt: skip
+    refused("is neither a .jinja/.j2 file nor a tokenizer that can be loaded", validate_run,
+            config(tmp_path, chat_template_path=str(tmp_path / "missing")), model="m", train_dataset=chat,
+            tokenizer=bare)  # fmt: skip
+
+
 # --- the train command refuses a different run in its output_dir -------------------------------------------
 
 
