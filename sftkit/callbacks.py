@@ -18,7 +18,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,23 +25,9 @@ from transformers import TrainerCallback
 
 from sftkit.errors import SftkitError
 from sftkit.evaluation import _split_row, generate
+from sftkit.io import atomic_write_text
 
 COLUMNS = ("step", "prompt", "generation", "reference", "generation_settings")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and os.replace (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _display_prompt(prompt) -> str:
@@ -183,8 +168,8 @@ class GenerationSamplesCallback(TrainerCallback):
 
     def _write_files(self) -> None:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows)
-        _atomic_write_text(self.jsonl_path, lines)
-        _atomic_write_text(self.html_path, self.to_html())
+        atomic_write_text(self.jsonl_path, lines)
+        atomic_write_text(self.html_path, self.to_html())
 
     def to_html(self) -> str:
         """A self-contained page: prompts down, steps across, the reference last."""

@@ -35,9 +35,13 @@ def _fsync_dir(directory: Path) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as pretty JSON to ``path`` atomically (temp file, fsync, os.replace)."""
-    path = Path(path)
     # Serialize first: a non-JSON value then fails before anything on disk is touched.
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a reader sees the old file or the whole new one, never half."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, "tmp")
     try:
