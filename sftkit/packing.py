@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from sftkit.errors import SftkitError
+from sftkit.validation import check_reiterable
 
 _STATE_VERSION = 1
 
@@ -93,18 +94,12 @@ class ConstantLengthPacker:
         self.block_length = _positive_int("block_length", block_length, minimum=2)
         self.shuffle_buffer = _positive_int("shuffle_buffer", shuffle_buffer)
         self.tokenize_batch_size = _positive_int("tokenize_batch_size", tokenize_batch_size)
-        if isinstance(source, (str, bytes, Mapping)) or not isinstance(source, Iterable):
-            raise SftkitError(
-                f"source must be an iterable of examples (dicts), got a {type(source).__name__}.",
-                "pass a list of dicts, a datasets.Dataset or a datasets.IterableDataset.",
-            )
-        if iter(source) is source:
-            raise SftkitError(
-                f"source is a one-shot iterator ({type(source).__name__}): it can be read only once, so the "
-                "packer could neither start a second pass nor resume.",
-                "pass something that can be iterated again: a list, a datasets.Dataset, or "
-                "datasets.IterableDataset.from_generator(your_generator_function).",
-            )
+        check_reiterable(
+            source,
+            "it can be read only once, so the packer could neither start a second pass nor resume.",
+            "pass something that can be iterated again: a list, a datasets.Dataset, or "
+            "datasets.IterableDataset.from_generator(your_generator_function).",
+        )
         self.eos_token_id = tokenizer.eos_token_id if add_eos else None
         if add_eos and self.eos_token_id is None:
             raise SftkitError(

@@ -18,23 +18,18 @@ from itertools import count
 from typing import Any
 
 from sftkit.errors import SftkitError
+from sftkit.validation import check_reiterable
 
 Transform = Callable[[dict, random.Random], dict]
 
 
 def _check_source(source: Any) -> None:
-    if isinstance(source, (str, bytes, Mapping)) or not isinstance(source, Iterable):
-        raise SftkitError(
-            f"source must be an iterable of examples (dicts), got a {type(source).__name__}.",
-            "pass a list of dicts, a datasets.Dataset or a datasets.IterableDataset.",
-        )
-    if iter(source) is source:
-        raise SftkitError(
-            f"source is a one-shot iterator ({type(source).__name__}): the Trainer iterates its dataset again "
-            "for every pass (and SFTTrainer reads one example up front), so a generator object would be "
-            "empty the second time.",
-            "pass a generator *function* instead: datasets.IterableDataset.from_generator(make_rows), or a list.",
-        )
+    check_reiterable(
+        source,
+        "the Trainer iterates its dataset again for every pass (and SFTTrainer reads one example up front), so a "
+        "generator object would be empty the second time.",
+        "pass a generator *function* instead: datasets.IterableDataset.from_generator(make_rows), or a list.",
+    )
 
 
 def iterate_draws(

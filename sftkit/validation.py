@@ -85,6 +85,17 @@ def _rows_named(rows: list[int]) -> str:
     return f"row{'s' if len(rows) > 1 else ''} {shown}" + (f" (and {more} more)" if more > 0 else "")
 
 
+def check_reiterable(source: Any, consequence: str, fix: str) -> None:
+    """Refuse a source that is not an iterable of examples, or a one-shot iterator (``consequence`` says why)."""
+    if isinstance(source, (str, bytes, Mapping)) or not isinstance(source, Iterable):
+        raise SftkitError(
+            f"source must be an iterable of examples (dicts), got a {type(source).__name__}.",
+            "pass a list of dicts, a datasets.Dataset or a datasets.IterableDataset.",
+        )
+    if iter(source) is source:
+        raise SftkitError(f"source is a one-shot iterator ({type(source).__name__}): {consequence}", fix)
+
+
 def require_single_split(dataset: Any, split: str | None = None):
     """Return one split of ``dataset``: a Dataset unchanged, ``dataset[split]`` of a DatasetDict."""
     from datasets import DatasetDict, IterableDatasetDict
